@@ -63,14 +63,12 @@ class Filter:
     heldout_rows: int
 
 
-@dataclasses.dataclass(frozen=True)
-class Params:
-    base: Base
-    collect: Collect
-    filter: Filter
-
-
-SECTIONS: dict[str, type] = {f.name: f.type for f in dataclasses.fields(Params)}
+# params.yaml section name -> its dataclass (one name everywhere: stage, section, metrics file)
+SECTIONS: dict[str, type] = {
+    "base": Base,
+    "collect": Collect,
+    "filter": Filter,
+}
 
 
 def _check_type(value, tp, where: str, errors: list[str]) -> None:
@@ -182,9 +180,18 @@ def load(path: str | Path, section: str):
     return from_dict(SECTIONS[section], raw[section], f"{path}:{section}")
 
 
-def load_all(path: str | Path) -> Params:
-    """Validate every section of params.yaml at once."""
-    return from_dict(Params, read_yaml(path), str(path))
+def load_all(path: str | Path) -> dict:
+    """Validate every known section of params.yaml at once; section name -> dataclass."""
+    raw = read_yaml(path)
+    out, errors = {}, []
+    for name, cls in SECTIONS.items():
+        try:
+            out[name] = from_dict(cls, raw.get(name), f"{path}:{name}")
+        except ConfigError as e:
+            errors.append(str(e))
+    if errors:
+        raise ConfigError("\n".join(errors))
+    return out
 
 
 def dump(cfg) -> str:
