@@ -19,10 +19,10 @@ $(STAMP): requirements.txt requirements-nodeps.txt
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/dvc repro
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH dvc repro
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH python -m pytest -q tests
 
 clean-venv:
 	rm -rf $(VENV)
