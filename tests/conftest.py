@@ -25,13 +25,12 @@ def smollm2_gguf() -> Path:
 
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> Path:
-    """The SmolLM2 tokenizer with its chat template, saved as a plain HF folder."""
-    from transformers import AutoTokenizer
+    """The SmolLM2 tokenizer with its chat template (special tokens repaired as the base stage
+    does), saved as a plain HF folder."""
+    from lorapipe import modeling
 
-    gguf = smollm2_gguf()
     out = tmp_path_factory.mktemp("tokenizer")
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    tok.save_pretrained(out)
+    modeling.load_gguf_tokenizer(smollm2_gguf()).save_pretrained(out)
     return out
 
 
