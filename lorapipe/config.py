@@ -38,8 +38,10 @@ class Collect:
     rows: int                       # total raw rows written
     seed: int
     evals_fraction: float           # share of rows drawn from the evals registry JSONL files
+    evals_max_rows_per_file: int    # cap per registry file, so a few huge files do not dominate
     generators: dict[str, float]    # reasoning-gym generator -> weight among generated rows
     shape_weights: dict[str, float]  # alpaca | messages | conversations -> weight for generated rows
+    workers: int                    # processes; 0 = one per core (output is identical either way)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +57,7 @@ class Filter:
     lang_min_score: float
     lang_min_chars: int          # shorter texts are not language-checked (too little signal)
     quality_min: float           # reject below this combined quality score
+    quality_min_words: int       # the length component is min(1, words / quality_min_words)
     minhash_perm: int
     minhash_bands: int
     shingle: int                 # words per shingle for near-duplicate detection
@@ -63,11 +66,91 @@ class Filter:
     heldout_rows: int
 
 
+@dataclasses.dataclass(frozen=True)
+class Train:
+    seed: int
+    max_length: int              # tokens per training sequence (longer rows are truncated)
+    packing: bool                # concatenate rows into max_length sequences (no padding)
+    steps: int                   # optimizer steps
+    global_batch: int            # sequences per optimizer step, over all processes
+    micro_batch: int             # sequences per forward/backward on one process
+    lr: float
+    warmup_steps: int
+    weight_decay: float
+    max_grad_norm: float
+    lora_r: int
+    lora_alpha: int
+    lora_dropout: float
+    lora_targets: list[str]      # module name suffixes (PEFT target_modules)
+    gradient_checkpointing: bool
+    train_rows: int              # rows of the train split used; 0 = all
+    heldout_rows: int            # held-out rows for the before/after loss
+    eval_batch: int
+    log_steps: int               # DVCLive / progress line every n steps
+    save_steps: int              # checkpoint every n steps
+    setup_stall_seconds: float   # watchdog limit from process start to the first step
+    stall_seconds: float         # watchdog limit between two steps once training runs
+
+
+@dataclasses.dataclass(frozen=True)
+class Merge:
+    target: str                  # auto | dequantized | original (see lorapipe/merge.py)
+    dtype: str                   # storage dtype of the merged weights: float32 | bfloat16 | float16
+    max_shard_mb: int            # largest output safetensors shard
+    fidelity_rows: int           # held-out rows for trained-vs-merged fidelity
+    max_tokens: int              # tokens per fidelity row (longer rows are cut)
+    answer_tokens: int           # greedy answer length compared between the two models
+    batch: int                   # rows per forward / generate
+    max_kl_mean: float           # gate: mean per-token KL(trained || merged) in nats
+    min_top1: float              # gate: share of tokens with the same argmax
+    gate: str                    # fail | warn (warn records gate_passed: false, exits 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Quantize:
+    method: str                  # none | nf4 | fp4 | int8 (bitsandbytes)
+    double_quant: bool           # 4-bit: nested quantization of the absmax constants
+    compute_dtype: str           # dtype of the dequantized matmuls and non-quantized layers
+    fidelity_rows: int           # held-out rows for merged-vs-quantized fidelity
+    max_tokens: int
+    batch: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Bench:
+    reference: str               # items file trained/merged/quantized compare with (dvc.yaml
+                                 # passes ${bench.reference} as --reference; base: itself)
+    device: str                  # auto | cpu | cuda[:N]
+    threads: int                 # torch CPU threads; 0 = torch's default (one per core)
+    batch_size: int              # prompts per generate() call (left-padded, KV cache)
+    math_package: str            # name==version of the wheel holding GSM8K test
+    math_file: str               # path of GSM8K test inside that wheel
+    math_sha256: str
+    math_instruction: str        # appended to each question ("" = the bare question)
+    math_n: int                  # first n items; 0 = all 1319
+    math_max_new_tokens: int
+    code_package: str            # name==version of the wheel holding HumanEval
+    code_file: str
+    code_sha256: str
+    code_n: int                  # first n problems; 0 = all 164
+    code_max_new_tokens: int
+    heldout_n: int               # first n held-out records; 0 = all
+    heldout_max_new_tokens: int
+    code_timeout_s: float        # sandbox: wall-clock seconds per program
+    sandbox_cpu_s: int           # RLIMIT_CPU
+    sandbox_memory_mb: int       # RLIMIT_AS
+    sandbox_nproc: int           # RLIMIT_NPROC and the fork budget
+    sandbox_fsize_mb: int        # RLIMIT_FSIZE
+
 # params.yaml section name -> its dataclass (one name everywhere: stage, section, metrics file)
 SECTIONS: dict[str, type] = {
     "base": Base,
     "collect": Collect,
     "filter": Filter,
+    "train": Train,
+    "merge": Merge,
+    "quantize": Quantize,
+    "bench": Bench,
 }
 
 
