@@ -112,7 +112,8 @@ def read_training(adapter_dir: str | Path) -> dict:
 
 
 def load_trained(base_dir: str | Path, adapter_dir: str | Path, device="cpu"):
-    """Base at the precision recorded in training.json + the adapter, unmerged, eval mode."""
+    """Base at the precision recorded in training.json + the adapter, unmerged, eval mode,
+    computing as it did in training (see kbit.training_numerics)."""
     from peft import PeftModel
 
     info = read_training(adapter_dir)
@@ -124,4 +125,4 @@ def load_trained(base_dir: str | Path, adapter_dir: str | Path, device="cpu"):
         raise ValueError(f"{base_dir} loads with quantization {got} but the adapter was trained "
                          f"with {info['quantization']} (bitsandbytes version differs?)")
     model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
-    return model.eval()
+    return kbit.training_numerics(model.eval())
