@@ -68,6 +68,16 @@ def _pad(seqs: list[list[int]], pad_id: int, left: bool):
     return ids, mask
 
 
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _logits(model, ids, mask) -> torch.Tensor:
+    """fp32 logits on the CPU, whichever device the model is on."""
+    dev = _device(model)
+    return model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits.float().cpu()
+
+
 @torch.no_grad()
 def compare(model_a, model_b, seqs: list[list[int]], batch: int, pad_id: int) -> dict:
     """Teacher-forced agreement of B with A, plus each model's held-out loss (module doc)."""
@@ -75,8 +85,8 @@ def compare(model_a, model_b, seqs: list[list[int]], batch: int, pad_id: int) ->
     nll_a = nll_b = predicted = 0.0
     for i in tqdm(range(0, len(seqs), batch), unit="batch", desc="fidelity"):
         ids, mask = _pad(seqs[i:i + batch], pad_id, left=False)
-        la = F.log_softmax(model_a(input_ids=ids, attention_mask=mask).logits.float(), -1)
-        lb = F.log_softmax(model_b(input_ids=ids, attention_mask=mask).logits.float(), -1)
+        la = F.log_softmax(_logits(model_a, ids, mask), -1)
+        lb = F.log_softmax(_logits(model_b, ids, mask), -1)
         real = mask.bool()
         kl = (la.exp() * (la - lb)).sum(-1)[real].clamp_min(0)  # [tokens]; < 0 is rounding
         kl_sum += kl.sum().item()
@@ -99,6 +109,7 @@ def greedy(model, tok, prompt_ids: list[list[int]], max_new_tokens: int, batch: 
     answers = []
     for i in tqdm(range(0, len(prompt_ids), batch), unit="batch", desc="greedy answers"):
         ids, mask = _pad(prompt_ids[i:i + batch], pad_id, left=True)
+        ids, mask = ids.to(_device(model)), mask.to(_device(model))
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                              do_sample=False, pad_token_id=pad_id, use_cache=True)
         answers += tok.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)

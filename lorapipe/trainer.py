@@ -415,7 +415,7 @@ def fit(paths: dict, base_cfg, cfg, dog) -> dict:
                                                   last_epoch=start - 1)
     model, opt = acc.prepare(model, opt)
     live = None
-    if acc.is_main_process:
+    if acc.is_main_process and paths["live"]:  # None: no DVCLive (runs outside DVC)
         from dvclive import Live
 
         # dvc.yaml (not DVCLive) declares the plots; no experiment of DVCLive's own
@@ -437,7 +437,8 @@ def fit(paths: dict, base_cfg, cfg, dog) -> dict:
                 "base_provenance": provenance, "precision": base_cfg.precision,
                 "quantization": quant, "params": params, "seed": cfg.seed,
                 "versions": versions(), "device": describe(acc.device)})
-        live.end()
+        if live:
+            live.end()
     acc.wait_for_everyone()
     return {"heldout_loss_before": round(before, 6), "heldout_loss_after": round(after, 6),
             "train_seconds": round(run["seconds"], 2), "tokens": run["tokens"],
