@@ -169,7 +169,12 @@ def check_heldout(item: dict, reply: str) -> tuple[str, bool]:
     if verify:
         import reasoning_gym
 
-        score = reasoning_gym.get_score_answer_fn(verify["dataset"])(answer, verify["entry"])
+        try:
+            score = reasoning_gym.get_score_answer_fn(verify["dataset"])(answer, verify["entry"])
+        except (ValueError, TypeError, ArithmeticError):
+            # some checkers parse the reply and raise on one they cannot read (e.g.
+            # prime_factorization on "154 = 12"): an unreadable answer is a wrong answer
+            score = 0.0
         return answer, score >= 1.0
     golds = item["gold"] if isinstance(item["gold"], list) else [item["gold"]]
     return answer, any(_norm_text(answer) == _norm_text(str(g)) for g in golds)

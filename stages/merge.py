@@ -21,6 +21,14 @@ def measure(cfg, base: Path, adapter: Path, heldout: Path, merged: Path) -> dict
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     rows = fidelity.load_rows(heldout, cfg.fidelity_rows)
     trained = lora.load_trained(base, adapter)
+    quantization = files.read_json(Path(adapter) / lora.TRAINING_JSON)["quantization"]
+    reference_compute = "float32" if quantization is None else quantization.get("compute_dtype")
+    if quantization is None:
+        # fp16/bf16: the reference keeps the trained weights (base rounded to 16 bits + the
+        # adapter) but computes in fp32, like the merged model. 16-bit kernels' own rounding
+        # flips near-tied top-1 tokens (measured on SmolLM2 fp16: top-1 0.990 at KL 2.8e-5
+        # vs 0.999 at KL 2.8e-6 in fp32) and says nothing about the merge.
+        trained = trained.float()
     merged_model = quant.load(merged, cfg.dtype)
     m = fidelity.compare(trained, merged_model, fidelity.encode(tok, rows, cfg.max_tokens),
                          cfg.batch, pad_id)
@@ -30,7 +38,8 @@ def measure(cfg, base: Path, adapter: Path, heldout: Path, merged: Path) -> dict
     return {"kl_mean": m["kl_mean"], "kl_max": m["kl_max"], "top1_agree": m["top1_agree"],
             "answer_agree": fidelity.answer_agree(answers_t, answers_m),
             "heldout_loss_trained": m["loss_a"], "heldout_loss_merged": m["loss_b"],
-            "fidelity_rows": len(rows), "fidelity_tokens": m["tokens"]}
+            "fidelity_rows": len(rows), "fidelity_tokens": m["tokens"],
+            "reference_compute": reference_compute}
 
 
 def run(cfg, base: Path, adapter: Path, heldout: Path, out: Path) -> dict:
