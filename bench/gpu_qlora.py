@@ -105,15 +105,18 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--heldout-rows", type=int, default=512)
     p.add_argument("--fidelity-rows", type=int, default=256)
+    p.add_argument("--precisions", default="bf16,nf4",
+                   help="comma-separated; the nf4 adapter is then merged three ways")
     p.add_argument("--device", default="cuda", help="cpu: a smoke run of this script")
     args = p.parse_args()
     files.setup_logging()
     started = time.time()
     result = {"device": (torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu"), "command": " ".join(sys.argv),
               "versions": __import__("lorapipe.trainer").trainer.versions()}
-    for precision in ("bf16", "nf4"):
+    for precision in args.precisions.split(","):
         result[precision] = train(args, precision)
-    result["nf4_merge"] = merge_three_ways(args, Path(args.work) / "nf4" / "adapter")
+    if "nf4" in args.precisions.split(","):
+        result["nf4_merge"] = merge_three_ways(args, Path(args.work) / "nf4" / "adapter")
     result["seconds"] = round(time.time() - started, 1)
     files.write_json(args.out, result)
     print(f"wrote {args.out}; repeat: {result['command']}")

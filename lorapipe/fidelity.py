@@ -72,10 +72,10 @@ def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def _logits(model, ids, mask) -> torch.Tensor:
-    """fp32 logits on the CPU, whichever device the model is on."""
+def _logits(model, ids, mask, device) -> torch.Tensor:
+    """fp32 logits on `device`, whichever device the model is on."""
     dev = _device(model)
-    return model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits.float().cpu()
+    return model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits.float().to(device)
 
 
 @torch.no_grad()
@@ -85,8 +85,9 @@ def compare(model_a, model_b, seqs: list[list[int]], batch: int, pad_id: int) ->
     nll_a = nll_b = predicted = 0.0
     for i in tqdm(range(0, len(seqs), batch), unit="batch", desc="fidelity"):
         ids, mask = _pad(seqs[i:i + batch], pad_id, left=False)
-        la = F.log_softmax(_logits(model_a, ids, mask), -1)
-        lb = F.log_softmax(_logits(model_b, ids, mask), -1)
+        ids, mask = ids.to(_device(model_a)), mask.to(_device(model_a))  # compare on A's device
+        la = F.log_softmax(_logits(model_a, ids, mask, ids.device), -1)
+        lb = F.log_softmax(_logits(model_b, ids, mask, ids.device), -1)
         real = mask.bool()
         kl = (la.exp() * (la - lb)).sum(-1)[real].clamp_min(0)  # [tokens]; < 0 is rounding
         kl_sum += kl.sum().item()
