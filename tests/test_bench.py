@@ -178,3 +178,14 @@ def test_cli_once_and_fails_fast(tiny_base, tmp_path):
     assert bad.returncode != 0
     assert "--merged x: no such folder" in bad.stderr and "no.jsonl: no such items" in bad.stderr
     assert not (out / "m.json").exists()
+
+
+def test_unreadable_reasoning_gym_answer_is_wrong_not_a_crash():
+    """prime_factorization's own checker raises on a reply it cannot parse (seen in make run)."""
+    from lorapipe import suites
+
+    entry = {"question": "Find the prime factorization of 154.", "answer": "2 × 7 × 11",
+             "metadata": {"number": 154, "factors": [2, 7, 11]}}
+    item = {"verify": {"dataset": "prime_factorization", "entry": entry}, "gold": "2 × 7 × 11"}
+    assert suites.check_heldout(item, "154 = 12") == ("154 = 12", False)
+    assert suites.check_heldout(item, "2 × 7 × 11") == ("2 × 7 × 11", True)
